@@ -47,18 +47,7 @@ def test_the_child_dies_when_its_parent_is_killed():
         print(child.pid, flush=True)
         time.sleep(60)
     """)
-    parent = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    try:
-        child_pid = int(parent.stdout.readline())
-        wait_for(lambda: not alive(child_pid) or _command_of(child_pid)[:1] == ["sleep"], timeout_s=60,
-                 what="the child to exec its command", interval_s=0.02)
-        assert alive(child_pid)
-        parent.kill()
-        parent.wait()
-        wait_for(lambda: not alive(child_pid), timeout_s=10, what=f"child {child_pid} to die with its parent",
-                 interval_s=0.05)
-    finally:
-        parent.kill()
+    _assert_the_child_dies_with_its_killed_parent(script)
 
 
 def test_a_child_spawned_from_a_thread_outlives_that_thread():
@@ -89,6 +78,14 @@ def test_a_child_spawned_from_a_thread_still_dies_when_its_parent_is_killed():
         print(spawned[0].pid, flush=True)
         time.sleep(60)
     """)
+    _assert_the_child_dies_with_its_killed_parent(script)
+
+
+
+def _assert_the_child_dies_with_its_killed_parent(script: str) -> None:
+    """Runs ``script`` (which spawns a tied ``sleep 60`` and prints its pid) as a parent
+    process, waits for the child to run its command, kills the parent, and asserts the child
+    dies with it."""
     parent = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         child_pid = int(parent.stdout.readline())
@@ -101,7 +98,6 @@ def test_a_child_spawned_from_a_thread_still_dies_when_its_parent_is_killed():
                  interval_s=0.05)
     finally:
         parent.kill()
-
 
 def _command_of(pid: int) -> list[str]:
     try:
